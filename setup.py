@@ -29,6 +29,10 @@ TEST = [
     "nbclient>=0.10",
     "nbformat>=5.10",
     "ipykernel>=6.29",
+    # HF parity tests only; the library never imports them. torch is pinned to
+    # the CPU build (an unpinned torch pulls a multi-GB CUDA build).
+    "torch==2.13.0",
+    "transformers>=5.0",
 ]
 
 setuptools.setup(
