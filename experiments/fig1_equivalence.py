@@ -17,7 +17,6 @@ Writes:   fig1_equivalence.png, fig1_equivalence.csv (per pair),
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -114,11 +113,7 @@ def _plot(out, cols, beta):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results")
-  parser.add_argument("--quick", action="store_true", help="small smoke setting")
-  args = parser.parse_args(argv)
-  run(args.out, quick=args.quick)
+  report.figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

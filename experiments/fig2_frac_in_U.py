@@ -18,7 +18,6 @@ Writes:   fig2_frac_in_U.png, fig2_frac_in_U.csv (curves), fig2_frac_in_U.json.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -109,11 +108,7 @@ def _write(out, cfg, curves, summary):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results")
-  parser.add_argument("--quick", action="store_true", help="small smoke setting")
-  args = parser.parse_args(argv)
-  run(args.out, quick=args.quick)
+  report.figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ Writes:   fig3_zombie.png, fig3_zombie.csv (curves), fig3_zombie.json.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -89,11 +88,7 @@ def run(out, *, quick: bool = False, progress: bool = True) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results")
-  parser.add_argument("--quick", action="store_true", help="small smoke setting")
-  args = parser.parse_args(argv)
-  run(args.out, quick=args.quick)
+  report.figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Writes:   fig4_prop51.png, fig4_prop51.csv (curves), fig4_prop51.json.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -113,11 +112,7 @@ def run(out, *, quick: bool = False, progress: bool = True) -> dict:
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results")
-  parser.add_argument("--quick", action="store_true", help="small smoke setting")
-  args = parser.parse_args(argv)
-  run(args.out, quick=args.quick)
+  report.figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Writes:   fig5_gamma.png, fig5_gamma.csv, fig5_gamma.json.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 
 import jax
@@ -175,11 +174,7 @@ def _plot(out, cfg, cols, summary):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="results")
-  parser.add_argument("--quick", action="store_true", help="small smoke setting")
-  args = parser.parse_args(argv)
-  run(args.out, quick=args.quick)
+  report.figure_main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,13 @@ converted from JAX/NumPy arrays to plain Python so the JSON is portable.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import json
+import os
 import pathlib
+import tempfile
 
 import numpy as np
 
@@ -25,35 +29,61 @@ def to_python(x):
   return x
 
 
-def save_json(path, obj) -> pathlib.Path:
+@contextlib.contextmanager
+def atomic_path(path):
+  """Yields a temporary path beside `path`, renamed onto it only on success.
+
+  A crash mid-write leaves the previous file (or none), never half a file.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(to_python(obj), indent=2, sort_keys=False) + "\n")
-  return path
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+  os.close(fd)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
+  try:
+    yield pathlib.Path(tmp)
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def save_json(path, obj) -> pathlib.Path:
+  with atomic_path(path) as tmp:
+    tmp.write_text(json.dumps(to_python(obj), indent=2, sort_keys=False) + "\n")
+  return pathlib.Path(path)
 
 
 def save_csv(path, columns: dict) -> pathlib.Path:
   """Writes equal-length 1-D columns {name: values} as a CSV with a header."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
   cols = {k: np.asarray(v).reshape(-1) for k, v in columns.items()}
   lengths = {len(v) for v in cols.values()}
   if len(lengths) != 1:
     raise ValueError(f"columns differ in length: { {k: len(v) for k, v in cols.items()} }")
-  with path.open("w", newline="") as f:
+  with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(list(cols))
     for row in zip(*cols.values()):
       writer.writerow([f"{v:.6g}" if isinstance(v, (float, np.floating)) else v
                        for v in row])
-  return path
+  return pathlib.Path(path)
 
 
 def save_figure(fig, path) -> pathlib.Path:
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  return path
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, dpi=110, format=pathlib.Path(path).suffix.lstrip(".") or "png")
+  return pathlib.Path(path)
+
+
+def figure_main(run, doc: str, argv=None):
+  """The command line shared by the figure scripts: --out DIR [--quick]."""
+  parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+  parser.add_argument("--out", default="results")
+  parser.add_argument("--quick", action="store_true", help="small smoke setting")
+  args = parser.parse_args(argv)
+  return run(args.out, quick=args.quick)
 
 
 def progress(iterable, desc: str, enabled: bool = True):
