@@ -20,6 +20,7 @@ CORE = [
     "pyarrow>=14",
     "tokenizers>=0.19",
     "safetensors>=0.4",
+    "absl-py>=2.1",
 ]
 
 TEST = [
@@ -48,4 +49,5 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["cpo_jax", "cpo_jax.*"]),
     install_requires=CORE,
     extras_require={"test": TEST, "notebooks": ["nbclient>=0.10", "ipykernel>=6.29"]},
+    entry_points={"console_scripts": ["cpo-jax=cpo_jax.cli:entry_point"]},
 )
