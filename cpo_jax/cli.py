@@ -28,6 +28,8 @@ COMMANDS = {
     "train": "train (resumes from --workdir if it holds a checkpoint)",
     "eval": "evaluate the latest checkpoint in --workdir on the held-out split",
     "audit": "audit a reference: delta_ref histograms and Assumption 3.1 violation vs beta",
+    "rm": "train a Bradley-Terry reward model (resumes from --workdir)",
+    "rl": "online RLHF, RLOO or PPO, against r* or a reward model (resumes from --workdir)",
 }
 _CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 
@@ -68,7 +70,7 @@ def _flags(cmd: str, argv: list[str] | None = None) -> flags.FlagValues:
 
 
 def _usage() -> str:
-  return "usage: cpo-jax {train,eval,audit} --config=FILE[:ARG] [--config.x=v ...] ...\n" + \
+  return "usage: cpo-jax {train,eval,audit,rm,rl} --config=FILE[:ARG] [--config.x=v ...] ...\n" + \
       "\n".join(f"  {k:6s} {v}" for k, v in COMMANDS.items())
 
 
@@ -91,14 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   logging.getLogger("cpo_jax").setLevel(logging.INFO)  # library info; Orbax/absl stay quiet
-  if cmd in ("train", "eval") and not fv.workdir:
+  if cmd in ("train", "eval", "rm", "rl") and not fv.workdir:
     print(f"cpo-jax {cmd}: --workdir is required", file=sys.stderr)
     return 2
   from cpo_jax import audit, checkpoint, train  # pylint: disable=g-import-not-at-top
+  from cpo_jax import reward_model, train_rlhf  # pylint: disable=g-import-not-at-top
   try:
     if cmd == "train":
       out = train.train(config, fv.workdir)
       print(json.dumps({k: v for k, v in out.items()}, default=float))
+    elif cmd in ("rm", "rl"):
+      run = reward_model.train_rm if cmd == "rm" else train_rlhf.train_rl
+      print(json.dumps(run(config, fv.workdir), default=float))
     elif cmd == "eval":
       out = train.evaluate_workdir(config, fv.workdir, split=fv.split or None)
       print(json.dumps(out))

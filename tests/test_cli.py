@@ -22,8 +22,11 @@ def test_usage_errors(capsys, tmp_path):
   assert cli.main(["cpo-jax", "train", "--config=default.py"]) == 2  # no --workdir
   assert cli.main(["cpo-jax", "train", "--config=default.py", "--config.no_such=1",
                    f"--workdir={tmp_path}"]) == 2
+  assert cli.main(["cpo-jax", "rl", "--config=rl_small_lm.py:rloo"]) == 2  # no --workdir
+  assert cli.main(["cpo-jax", "rm", "--config=rm_small_lm.py"]) == 2
   err = capsys.readouterr().err
-  assert "usage: cpo-jax {train,eval,audit}" in err and "--workdir is required" in err
+  assert "usage: cpo-jax {train,eval,audit,rm,rl}" in err
+  assert "cpo-jax rl: --workdir is required" in err and "cpo-jax rm: --workdir is required" in err
 
 
 def test_train_eval_audit(capsys, data_dir, tmp_path):
