@@ -160,13 +160,9 @@ def train_rm(config, workdir: str, *, mesh=None) -> dict:
   rep = NamedSharding(mesh, P())
   hp = dict(margin=config.rm.margin, margin_dr_scale=config.rm.margin_dr_scale)
   with shd.use_mesh(mesh):
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    schedule, tx = train.make_schedule(config.optim, total), train.make_optimizer(config.optim,
-                                                                                  total)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
-                                   transform_non_params=lambda _: rep)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": rep}
+    schedule, tx, state, state_sh = train.init_train_state(config.optim, total, params, mesh)
+  opt_state = state["opt_state"]
+  param_sh, opt_sh = state_sh["params"], state_sh["opt_state"]
   bsh = shd.batch_sharding(mesh, 1)
   step_fn = jax.jit(functools.partial(rm_step, graphdef=graphdef, tx=tx,
                                       schedule=schedule, **hp),

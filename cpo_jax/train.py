@@ -25,7 +25,7 @@ import os
 import signal
 import threading
 import time
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -286,6 +286,30 @@ def opt_shardings(tx, params, param_sh, mesh):
                                transform_non_params=lambda _: NamedSharding(mesh, P()))
 
 
+class TrainState(NamedTuple):
+  """A freshly initialised, sharded training state and how it is laid out."""
+
+  schedule: optax.Schedule
+  tx: optax.GradientTransformation
+  state: dict            # {"params", "opt_state", "step"}, sharded
+  state_sh: dict         # the same tree of NamedShardings
+
+
+def init_train_state(ocfg, total_steps: int, params, mesh) -> TrainState:
+  """AdamW + schedule for `params`, with its state created directly sharded.
+
+  Optimiser moments are sharded like their parameter; scalars are replicated.
+  Call inside `shd.use_mesh(mesh)`.
+  """
+  rep = NamedSharding(mesh, P())
+  param_sh = jax.tree.map(lambda x: x.sharding, params)
+  schedule, tx = make_schedule(ocfg, total_steps), make_optimizer(ocfg, total_steps)
+  opt_sh = opt_shardings(tx, params, param_sh, mesh)
+  state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
+           "step": jax.device_put(jnp.int32(0), rep)}
+  return TrainState(schedule, tx, state, {"params": param_sh, "opt_state": opt_sh, "step": rep})
+
+
 @dataclasses.dataclass
 class Setup:
   """Everything a run needs on device: model, frozen reference, state, compiled steps."""
@@ -320,11 +344,8 @@ def setup(config, mesh: jax.sharding.Mesh | None = None) -> Setup:
       ref_params = model_from_source(ref_source, config, mesh)[2]
   total, impl = config.train.steps, config.train.kernel_impl
   with shd.use_mesh(mesh):
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    schedule, tx = make_schedule(config.optim, total), make_optimizer(config.optim, total)
-    opt_sh = opt_shardings(tx, params, param_sh, mesh)
-    state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
-             "step": jax.device_put(jnp.int32(0), NamedSharding(mesh, P()))}
+    schedule, tx, state, state_sh = init_train_state(config.optim, total, params, mesh)
+  param_sh, opt_sh = state_sh["params"], state_sh["opt_state"]
   meta = {"model": model_cfg.to_dict(), "reference": ref_source or f"init:seed={config.seed}",
           "loss": loss.name}
   return Setup(mesh, loss, model_cfg, graphdef, state, ref_params, param_sh, opt_sh,

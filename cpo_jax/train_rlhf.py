@@ -286,15 +286,9 @@ def setup_rl(config, mesh=None, tokenizer=None) -> RLSetup:
   total = config.train.steps * hp.updates_per_iteration
   rep = NamedSharding(mesh, P())
   with shd.use_mesh(mesh):
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    schedule, tx = train.make_schedule(config.optim, total), train.make_optimizer(config.optim,
-                                                                                  total)
-    opt_sh = optax.tree_map_params(tx, lambda _, s: s, jax.eval_shape(tx.init, params), param_sh,
-                                   transform_non_params=lambda _: rep)
-    state = {"params": params, "opt_state": jax.jit(tx.init, out_shardings=opt_sh)(params),
-             "step": jax.device_put(jnp.int32(0), rep)}
+    schedule, tx, state, state_sh = train.init_train_state(config.optim, total, params, mesh)
+  param_sh, opt_sh = state_sh["params"], state_sh["opt_state"]
   batch_sh = shd.batch_sharding(mesh, 1)
-  state_sh = {"params": param_sh, "opt_state": opt_sh, "step": rep}
   sample_fn = jax.jit(functools.partial(
       rollout.sample, graphdef=policy_gd, max_new_tokens=r.max_new_tokens, eos_id=tok.eos_id,
       pad_id=tok.pad_id), in_shardings=(param_sh["policy"], batch_sh, batch_sh, rep),
