@@ -130,7 +130,7 @@ def rm_step(state, batch, *, graphdef, tx, schedule, margin: float, margin_dr_sc
   """One AdamW step of the Bradley–Terry loss; returns (new_state, scalar metrics)."""
   (loss, (sums, n)), grads = jax.value_and_grad(_sums, has_aux=True)(
       state["params"], batch, graphdef=graphdef, margin=margin, margin_dr_scale=margin_dr_scale)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
   new_params = optax.apply_updates(state["params"], updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

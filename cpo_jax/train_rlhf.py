@@ -140,7 +140,7 @@ def ppo_loss_terms(logps, values, mb, *, hp: RLHParams):
 
 def _apply(state_params, opt_state, grads, loss, tx):
   """AdamW update guarded against non-finite loss/gradients."""
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, new_opt = tx.update(grads, opt_state, state_params)
   new_params = optax.apply_updates(state_params, updates)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
