@@ -9,7 +9,6 @@ mean[delta_ref <= -dr/beta] for a range of beta. Writes `audit.json`,
 
 from __future__ import annotations
 
-import json
 import pathlib
 
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from matplotlib.figure import Figure
 
+from cpo_jax import atomic
 from cpo_jax import diagnostics, inputs
 from cpo_jax import sharding as shd
 
@@ -82,8 +82,8 @@ def report_text(res: dict) -> str:
 def write(res: dict, out_dir) -> pathlib.Path:
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "audit.json").write_text(json.dumps(res, indent=1))
-  (out / "audit.txt").write_text(report_text(res) + "\n")
+  atomic.write_json(out / "audit.json", res, indent=1)
+  atomic.write_text(out / "audit.txt", report_text(res) + "\n")
   fig = Figure(figsize=(10, 3.5))
   axes = fig.subplots(1, 3)
   for ax, red in zip(axes, ("sum", "mean")):
@@ -98,5 +98,5 @@ def write(res: dict, out_dir) -> pathlib.Path:
   axes[2].set(title="Assumption 3.1 violated", xlabel="beta", ylabel="fraction of pairs")
   axes[2].legend()
   fig.tight_layout()
-  fig.savefig(out / "audit.png", dpi=120)
+  atomic.save_figure(fig, out / "audit.png", dpi=120)
   return out

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import statistics
 import time
@@ -33,6 +32,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from cpo_jax import atomic
 from cpo_jax import kernels as K
 
 PRESETS = {
@@ -226,8 +226,7 @@ def main(argv=None):
           f"fused ({K.resolve_impl('auto', 'hidden', jax.default_backend(), 4096, 32768)}) {fused:.1f} MiB "
           f"= {100 * fused / naive:.1f}% of naive")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        atomic.write_json(args.out, dict(meta=meta, rows=rows), indent=1)
         print(f"wrote {args.out}")
 
 

@@ -16,7 +16,6 @@ Measures: generation = the jitted `rollout.sample` alone (prefill + cached decod
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -24,6 +23,7 @@ import time
 import jax
 import numpy as np
 
+from cpo_jax import atomic
 from cpo_jax import inputs, rollout, train_rlhf
 from cpo_jax import sharding as shd
 from cpo_jax.configs import rl_small_lm
@@ -98,9 +98,8 @@ def main():
           f"{r['gen_real_tokens_per_s']:,.0f} | {r['updates_per_iteration']} | "
           f"{1e3 * r['iteration_s']:.1f} |")
   if a.json:
-    with open(a.json, "w") as f:
-      json.dump({"device": str(dev.device_kind), "jax": jax.__version__, "rows": rows}, f,
-                indent=1)
+    atomic.write_json(a.json, {"device": str(dev.device_kind), "jax": jax.__version__,
+                               "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":

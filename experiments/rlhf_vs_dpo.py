@@ -29,13 +29,12 @@ Runtime:  measured on 2 shared CPU cores: see the README "RLHF vs DPO" section.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import pathlib
 import time
 
 from matplotlib.figure import Figure
 
+from cpo_jax import atomic
 from cpo_jax import inputs, reward_model, rollout, train, train_rlhf, writers
 from cpo_jax import sharding as shd
 from cpo_jax.configs import rl_small_lm, rm_small_lm
@@ -111,11 +110,8 @@ def run(out, *, quick: bool = False, pref=PREF, rl=RL, data_dir: str = "/tmp/cpo
             "reward_model_eval": rm_eval and rm_eval["eval"],
             "reports": reports, "timings_s": dict(timings, total=time.time() - t_start)}
   out.mkdir(parents=True, exist_ok=True)
-  (out / "rlhf_vs_dpo.json").write_text(json.dumps(result, indent=1, default=float))
-  with open(out / "rlhf_vs_dpo_curves.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["method", "split", "step", *CURVE_KEYS])
-    w.writeheader()
-    w.writerows(curves)
+  atomic.write_json(out / "rlhf_vs_dpo.json", result, indent=1, default=float)
+  atomic.write_csv_rows(out / "rlhf_vs_dpo_curves.csv", curves, ["method", "split", "step", *CURVE_KEYS])
   _figure(curves, reports, tuple(pref) + tuple(rl), out / "rlhf_vs_dpo.png")
   print(table(result))
   return result
@@ -167,7 +163,7 @@ def _figure(curves, reports, methods, path):
   ax.set(title="violating pairs on which pi prefers y_l", ylim=(0, 1.05))
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  atomic.save_figure(fig, path, dpi=100)
 
 
 def table(result) -> str:

@@ -25,14 +25,13 @@ Runtime:  see the README (measured on 2 shared CPU cores). Re-running resumes
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import pathlib
 import time
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from cpo_jax import atomic
 from cpo_jax import audit, train, writers
 from cpo_jax.configs import small_lm
 
@@ -100,11 +99,8 @@ def run(out, *, quick: bool = False, losses=LOSSES, data_dir: str = "/tmp/cpo_ja
             "reference_eval": reference, "summary": summary,
             "timings_s": dict(timings, total=time.time() - t_start)}
   out.mkdir(parents=True, exist_ok=True)
-  (out / "small_lm.json").write_text(json.dumps(result, indent=1, default=float))
-  with open(out / "small_lm_curves.csv", "w", newline="") as f:
-    w = csv.DictWriter(f, fieldnames=["method", "split", "step", *CURVE_KEYS])
-    w.writeheader()
-    w.writerows(curves)
+  atomic.write_json(out / "small_lm.json", result, indent=1, default=float)
+  atomic.write_csv_rows(out / "small_lm_curves.csv", curves, ["method", "split", "step", *CURVE_KEYS])
   _figure(curves, losses, out / "small_lm.png")
   print(table(result))
   return result
@@ -127,7 +123,7 @@ def _figure(curves, losses, path):
     ax.set(title=title, xlabel="step", yscale="log" if key == "loss" else "linear")
   fig.axes[0].legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  atomic.save_figure(fig, path, dpi=110)
 
 
 def table(result) -> str:

@@ -7,14 +7,12 @@ converted from JAX/NumPy arrays to plain Python so the JSON is portable.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
-import json
-import os
 import pathlib
-import tempfile
 
 import numpy as np
+
+from cpo_jax import atomic
 
 
 def to_python(x):
@@ -29,31 +27,8 @@ def to_python(x):
   return x
 
 
-@contextlib.contextmanager
-def atomic_path(path):
-  """Yields a temporary path beside `path`, renamed onto it only on success.
-
-  A crash mid-write leaves the previous file (or none), never half a file.
-  """
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-  os.close(fd)
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-  try:
-    yield pathlib.Path(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
 def save_json(path, obj) -> pathlib.Path:
-  with atomic_path(path) as tmp:
-    tmp.write_text(json.dumps(to_python(obj), indent=2, sort_keys=False) + "\n")
-  return pathlib.Path(path)
+  return atomic.write_json(path, to_python(obj), indent=2)
 
 
 def save_csv(path, columns: dict) -> pathlib.Path:
@@ -62,7 +37,7 @@ def save_csv(path, columns: dict) -> pathlib.Path:
   lengths = {len(v) for v in cols.values()}
   if len(lengths) != 1:
     raise ValueError(f"columns differ in length: { {k: len(v) for k, v in cols.items()} }")
-  with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
+  with atomic.atomic_path(path) as tmp, tmp.open("w", newline="") as f:
     writer = csv.writer(f)
     writer.writerow(list(cols))
     for row in zip(*cols.values()):
@@ -72,9 +47,7 @@ def save_csv(path, columns: dict) -> pathlib.Path:
 
 
 def save_figure(fig, path) -> pathlib.Path:
-  with atomic_path(path) as tmp:
-    fig.savefig(tmp, dpi=110, format=pathlib.Path(path).suffix.lstrip(".") or "png")
-  return pathlib.Path(path)
+  return atomic.save_figure(fig, path, dpi=110)
 
 
 def figure_main(run, doc: str, argv=None):
