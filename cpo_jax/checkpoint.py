@@ -16,8 +16,11 @@ resume with another reference fail instead of silently mixing two.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pathlib
+import signal
+import threading
 
 import jax
 import orbax.checkpoint as ocp
@@ -100,3 +103,22 @@ class Checkpointer:
   def close(self) -> None:
     self.mgr.wait_until_finished()
     self.mgr.close()
+
+
+@contextlib.contextmanager
+def sigterm_flag():
+  """Pre-emption: yields a dict whose "set" turns True when SIGTERM arrives.
+
+  The training loops poll it between steps, save the current step and
+  return. Installed only in the main thread (signal handlers cannot be set
+  elsewhere); the previous handler is restored on exit.
+  """
+  flag = {"set": False}
+  old = None
+  if threading.current_thread() is threading.main_thread():
+    old = signal.signal(signal.SIGTERM, lambda *_: flag.update(set=True))
+  try:
+    yield flag
+  finally:
+    if old is not None:
+      signal.signal(signal.SIGTERM, old)

@@ -22,13 +22,15 @@ ranking (pairs with known dr != 0), ``margin`` = mean(r_w - r_l), and
 `train_rm` is its loop: Orbax checkpoints of params, optimiser and data
 iterator (resumed by default, `checkpoint.check_meta` refuses another model
 or init), JSONL/TensorBoard logging with metrics read one step late, and
-held-out evaluation. It has no gradient accumulation and no SIGTERM save
-(the preference trainer has both).
+held-out evaluation. SIGTERM saves the current step and returns
+``preempted=True``, as in the preference trainer. It has no gradient
+accumulation (the preference trainer has).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 
 import jax
@@ -43,6 +45,8 @@ from cpo_jax import checkpoint as ckpt_lib
 from cpo_jax import inputs, rlhf, train, writers
 from cpo_jax import sharding as shd
 from cpo_jax.models import Transformer
+
+log = logging.getLogger(__name__)
 
 
 class ScalarHeadModel(nnx.Module):
@@ -206,27 +210,34 @@ def train_rm(config, workdir: str, *, mesh=None) -> dict:
     return out
 
   last, step, pending = {}, start, None
-  try:
-    while step < total:
-      t0 = time.perf_counter()
-      with shd.use_mesh(mesh):
-        state, metrics = step_fn(state, train.device_batch(next(it), mesh))
-      step += 1
-      if pending is not None:  # the previous step's metrics, one step late
+  with ckpt_lib.sigterm_flag() as preempted:
+    try:
+      while step < total and not preempted["set"]:
+        t0 = time.perf_counter()
+        with shd.use_mesh(mesh):
+          state, metrics = step_fn(state, train.device_batch(next(it), mesh))
+        step += 1
+        if pending is not None:  # the previous step's metrics, one step late
+          last = emit(*pending)
+        pending = (step, metrics, t0)
+        if step % t.ckpt_every == 0 or step == total:
+          last, pending = emit(*pending), None
+          ckpt.save(step, state["params"], state["opt_state"], it.get_state(), meta)
+        if t.eval_every and step % t.eval_every == 0 and step < total:
+          writer.write(step, "eval", evaluate_rm())
+      if pending is not None:
         last = emit(*pending)
-      pending = (step, metrics, t0)
-      if step % t.ckpt_every == 0 or step == total:
-        last, pending = emit(*pending), None
-        ckpt.save(step, state["params"], state["opt_state"], it.get_state(), meta)
-      if t.eval_every and step % t.eval_every == 0 and step < total:
-        writer.write(step, "eval", evaluate_rm())
-    if pending is not None:
-      last = emit(*pending)
-    ckpt.wait()
-    final = evaluate_rm()
-    if final and step > start:  # a finished run re-reports without re-logging
-      writer.write(step, "eval", final)
-    return dict(last, step=step, eval=final)
-  finally:
-    ckpt.close()
-    writer.close()
+      if preempted["set"]:
+        if ckpt.latest_step() != step:
+          ckpt.save(step, state["params"], state["opt_state"], it.get_state(), meta, force=True)
+        ckpt.wait()
+        log.warning("SIGTERM: saved step %d in %s and stopped", step, workdir)
+        return dict(last, step=step, preempted=True)
+      ckpt.wait()
+      final = evaluate_rm()
+      if final and step > start:  # a finished run re-reports without re-logging
+        writer.write(step, "eval", final)
+      return dict(last, step=step, preempted=False, eval=final)
+    finally:
+      ckpt.close()
+      writer.close()

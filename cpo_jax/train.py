@@ -22,8 +22,6 @@ import functools
 import inspect
 import logging
 import os
-import signal
-import threading
 import time
 from typing import Callable, NamedTuple
 
@@ -370,7 +368,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
   s = setup(config)
   mesh, meta, ref_params, step_fn = s.mesh, s.meta, s.ref_params, s.step_fn
   state = s.state
-  with shd.use_mesh(mesh):
+  with shd.use_mesh(mesh), ckpt_lib.sigterm_flag() as preempted:
     ckpt = ckpt_lib.Checkpointer(workdir, max_to_keep=config.train.max_to_keep)
     start = ckpt.latest_step() or 0
     if start:
@@ -386,13 +384,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
                                   tensorboard=config.train.tensorboard,
                                   progress=config.train.progress)
     evaluator = evaluate.Evaluator(config, ins, mesh, s.graphdef, s.eval_fn)
-    preempted = {"flag": False}
-    old_handler = None
-    if _main_thread():
-      old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
     pending, last, step, clock = None, {}, start, [time.perf_counter()]
     try:
-      while step < total and not preempted["flag"]:
+      while step < total and not preempted["set"]:
         try:
           host_batch = next(it)
         except StopIteration:
@@ -414,7 +408,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
       if ckpt.latest_step() != step:  # end of data, end of run, or SIGTERM
         ckpt.save(step, state["params"], state["opt_state"], it.get_state(), meta, force=True)
       ckpt.wait()
-      if preempted["flag"]:
+      if preempted["set"]:
         log.warning("SIGTERM: saved step %d in %s and stopped", step, workdir)
         return dict(last, step=step, preempted=True)
       final = evaluator(state["params"], ref_params, step)
@@ -424,12 +418,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
     finally:
       ckpt.close()
       writer.close()
-      if old_handler is not None:
-        signal.signal(signal.SIGTERM, old_handler)
-
-
-def _main_thread() -> bool:
-  return threading.current_thread() is threading.main_thread()
 
 
 def _emit(writer, step, metrics, n_tok, clock, config) -> dict:

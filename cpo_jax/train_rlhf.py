@@ -44,8 +44,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import signal
-import threading
 import time
 
 import jax
@@ -372,47 +370,44 @@ def train_rl(config, workdir: str, *, setup: RLSetup | None = None, scorer=None,
       config, s.mesh, s.graphdefs[0], s.state["params"]["policy"], s.ref_params, ins,
       beta=r.beta, step=step, kl_prompts=r.eval_kl_prompts,
       kl_max_new_tokens=r.max_new_tokens) if config.data.eval_split else {}
-  last, step, preempted = {}, start, {"flag": False}
-  old_handler = None
-  if threading.current_thread() is threading.main_thread():
-    old_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
-  try:
-    while step < t.steps and not preempted["flag"]:
-      t0 = time.perf_counter()
-      batch = collect(s, prompts, scorer, step, config.seed)
-      t_gen = time.perf_counter() - t0
-      with shd.use_mesh(s.mesh):
-        dev = shd.shard_batch({k: batch[k] for k in ROLLOUT_KEYS}, s.mesh)
-        rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
-        s.state, metrics = s.update_fn(s.state, s.ref_params, dev, rng)
-      step += 1
-      last = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      n_gen = int(batch["response_mask"].sum())
-      last.update(iteration_s=time.perf_counter() - t0, rollout_s=t_gen,
-                  rollout_tokens_per_s=n_gen / max(t_gen, 1e-9))
-      if last["nonfinite"]:
-        raise train.NonFiniteError(f"non-finite RL loss/gradient at step {step}; the update was "
-                                   "skipped and the run stopped (last checkpoint intact).")
-      if step % t.log_every == 0 or step == t.steps:
-        writer.write(step, "train", last)
-      if step % t.ckpt_every == 0 or step == t.steps:
-        ckpt.save(step, s.state["params"], s.state["opt_state"], {"step": step}, s.meta)
-      if t.eval_every and step % t.eval_every == 0 and step < t.steps:
-        writer.write(step, "eval", report(step))
-    if preempted["flag"]:
-      if ckpt.latest_step() != step:
-        ckpt.save(step, s.state["params"], s.state["opt_state"], {"step": step}, s.meta,
-                  force=True)
+  last, step = {}, start
+  with ckpt_lib.sigterm_flag() as preempted:
+    try:
+      while step < t.steps and not preempted["set"]:
+        t0 = time.perf_counter()
+        batch = collect(s, prompts, scorer, step, config.seed)
+        t_gen = time.perf_counter() - t0
+        with shd.use_mesh(s.mesh):
+          dev = shd.shard_batch({k: batch[k] for k in ROLLOUT_KEYS}, s.mesh)
+          rng = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+          s.state, metrics = s.update_fn(s.state, s.ref_params, dev, rng)
+        step += 1
+        last = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        n_gen = int(batch["response_mask"].sum())
+        last.update(iteration_s=time.perf_counter() - t0, rollout_s=t_gen,
+                    rollout_tokens_per_s=n_gen / max(t_gen, 1e-9))
+        if last["nonfinite"]:
+          raise train.NonFiniteError(f"non-finite RL loss/gradient at step {step}; the update was "
+                                     "skipped and the run stopped (last checkpoint intact).")
+        if step % t.log_every == 0 or step == t.steps:
+          writer.write(step, "train", last)
+        if step % t.ckpt_every == 0 or step == t.steps:
+          ckpt.save(step, s.state["params"], s.state["opt_state"], {"step": step}, s.meta)
+        if t.eval_every and step % t.eval_every == 0 and step < t.steps:
+          writer.write(step, "eval", report(step))
+      if preempted["set"]:
+        if ckpt.latest_step() != step:
+          ckpt.save(step, s.state["params"], s.state["opt_state"], {"step": step}, s.meta,
+                    force=True)
+        ckpt.wait()
+        log.warning("SIGTERM: saved step %d in %s and stopped", step, workdir)
+        return dict(last, step=step, preempted=True)
       ckpt.wait()
-      log.warning("SIGTERM: saved step %d in %s and stopped", step, workdir)
-      return dict(last, step=step, preempted=True)
-    ckpt.wait()
-    final = report(step)
-    if final and step > start:  # a finished run re-reports without re-logging
-      writer.write(step, "eval", final)
-    return dict(last, step=step, preempted=False, eval=final)
-  finally:
-    ckpt.close()
-    writer.close()
-    if old_handler is not None:
-      signal.signal(signal.SIGTERM, old_handler)
+      final = report(step)
+      if final and step > start:  # a finished run re-reports without re-logging
+        writer.write(step, "eval", final)
+      return dict(last, step=step, preempted=False, eval=final)
+    finally:
+      ckpt.close()
+      writer.close()
+

@@ -232,3 +232,35 @@ def test_reward_model_run_then_rl_against_it(data_dir, tmp_path):
   for k in ("accuracy_absolute", "in_U", "gen_reward", "kl_k1", "kl_k3", "dpo_loss"):
     assert np.isfinite(ev[k]), k
   assert ev["kl_k3"] >= 0.0
+
+
+def test_reward_model_sigterm_saves_the_current_step(data_dir, tmp_path):
+  """SIGTERM mid-run: `train_rm` saves the step it reached and returns preempted."""
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  from cpo_jax import checkpoint as ckpt_lib  # pylint: disable=g-import-not-at-top
+  from cpo_jax import writers  # pylint: disable=g-import-not-at-top
+  rm_cfg = rm_small_lm.get_config()
+  rm_cfg.model.update(d_model=32, n_heads=2, n_kv_heads=2, head_dim=16, mlp_dim=64)
+  rm_cfg.data.update(dir=str(data_dir), task="add", n_train=32, n_test=8, batch_size=8)
+  rm_cfg.train.update(steps=2000, ckpt_every=100_000, log_every=1, eval_every=0,
+                      progress=False, tensorboard=False, eval_batch_size=8)
+  work = tmp_path / "rm"
+  before = signal.getsignal(signal.SIGTERM)
+
+  def send_sigterm_after_3_steps():
+    for _ in range(6000):
+      recs = writers.read_jsonl(work / "metrics.jsonl")
+      if len([r for r in recs if r["split"] == "train"]) >= 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+      threading.Event().wait(0.01)
+
+  sender = threading.Thread(target=send_sigterm_after_3_steps, daemon=True)
+  sender.start()
+  out = reward_model.train_rm(rm_cfg, str(work))
+  sender.join(timeout=5)
+  assert out["preempted"] is True and 3 <= out["step"] < 2000
+  assert ckpt_lib.Checkpointer(work, read_only=True).latest_step() == out["step"]
+  assert signal.getsignal(signal.SIGTERM) is before  # the handler is restored
