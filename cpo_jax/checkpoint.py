@@ -82,6 +82,12 @@ class Checkpointer:
         data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(_jsonable(meta))),
         force=force)
 
+  def save_final(self, step: int, params, opt_state, data_state: dict, meta: dict) -> None:
+    """Saves `step` (end of run, end of data, SIGTERM) unless it is already saved; waits."""
+    if self.latest_step() != step:
+      self.save(step, params, opt_state, data_state, meta, force=True)
+    self.wait()
+
   def restore_params(self, abstract_params, shardings, step: int | None = None):
     """Only the policy parameters (e.g. to start DPO from an SFT run)."""
     step = self.latest_step() if step is None else step

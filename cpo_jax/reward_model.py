@@ -228,9 +228,7 @@ def train_rm(config, workdir: str, *, mesh=None) -> dict:
       if pending is not None:
         last = emit(*pending)
       if preempted["set"]:
-        if ckpt.latest_step() != step:
-          ckpt.save(step, state["params"], state["opt_state"], it.get_state(), meta, force=True)
-        ckpt.wait()
+        ckpt.save_final(step, state["params"], state["opt_state"], it.get_state(), meta)
         log.warning("SIGTERM: saved step %d in %s and stopped", step, workdir)
         return dict(last, step=step, preempted=True)
       ckpt.wait()

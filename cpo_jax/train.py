@@ -405,9 +405,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, data=None) -> dict
           writer.write(step, "eval", evaluator(state["params"], ref_params, step))
       if pending is not None:
         last = _emit(writer, *pending, clock, config)
-      if ckpt.latest_step() != step:  # end of data, end of run, or SIGTERM
-        ckpt.save(step, state["params"], state["opt_state"], it.get_state(), meta, force=True)
-      ckpt.wait()
+      ckpt.save_final(step, state["params"], state["opt_state"], it.get_state(), meta)
       if preempted["set"]:
         log.warning("SIGTERM: saved step %d in %s and stopped", step, workdir)
         return dict(last, step=step, preempted=True)

@@ -396,10 +396,7 @@ def train_rl(config, workdir: str, *, setup: RLSetup | None = None, scorer=None,
         if t.eval_every and step % t.eval_every == 0 and step < t.steps:
           writer.write(step, "eval", report(step))
       if preempted["set"]:
-        if ckpt.latest_step() != step:
-          ckpt.save(step, s.state["params"], s.state["opt_state"], {"step": step}, s.meta,
-                    force=True)
-        ckpt.wait()
+        ckpt.save_final(step, s.state["params"], s.state["opt_state"], {"step": step}, s.meta)
         log.warning("SIGTERM: saved step %d in %s and stopped", step, workdir)
         return dict(last, step=step, preempted=True)
       ckpt.wait()
